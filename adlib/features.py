@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .attacks import fgsm
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import attacks, backbones, data, features, metrics, sampling
 from .detector import KNNDetector, anomaly_maps
@@ -203,8 +203,7 @@ class _RunContext:
     @property
     def extractor(self) -> backbones.PatchFeatureExtractor:
         if self._extractor is None:
-            self._extractor = backbones.load_backbone(
-                self.config.backbone, weights=self.config.weights, checkpoint=self.config.backbone_checkpoint)
+            self._extractor = load_extractor(self.config)
         return self._extractor
 
     def dataset(self, job: Job) -> data.AnomalyDataset:
@@ -212,6 +211,32 @@ class _RunContext:
         if key not in self._datasets:
             self._datasets[key] = prepare_dataset(self.config, job.dataset, job.category)
         return self._datasets[key]
+
+
+def load_extractor(config: StudyConfig) -> backbones.PatchFeatureExtractor:
+    """Load the configured backbone."""
+    return backbones.load_backbone(config.backbone, weights=config.weights, checkpoint=config.backbone_checkpoint)
+
+
+def dataset_summary(config: StudyConfig) -> pd.DataFrame:
+    """Image counts per available dataset category: reference pool, test normal and anomalous, masks."""
+    rows = []
+    for spec in sorted(config.datasets):
+        name, category = spec.split("/")
+        if name in DATASETS_NEEDING_ROOT and not _data_root_exists(config, Job(name, category, min(config.seeds), 0)):
+            continue
+        dataset = prepare_dataset(config, name, category)
+        rows.append({"dataset": name, "category": category, "reference_pool": len(dataset.train_ids),
+                     "test_normal": int((dataset.test_labels == 0).sum()),
+                     "test_anomalous": int(dataset.test_labels.sum()), "masks": dataset.has_masks})
+    return pd.DataFrame(rows)
+
+
+def describe(config: StudyConfig, weights: str) -> str:
+    """One line naming the data, backbone, weights source, shots, seeds and epsilons of a result."""
+    return (f"data: {', '.join(sorted(config.datasets))} | backbone: {config.backbone} @ {config.image_size}px | "
+            f"weights: {weights} | shots: {list(config.shots)} | seeds: {list(config.seeds)} | "
+            f"eps: {[f'{e:g}/255' for e in config.epsilons]}")
 
 
 def prepare_dataset(config: StudyConfig, name: str, category: str) -> data.AnomalyDataset:
