@@ -254,8 +254,14 @@ def _load_dinov2_checkpoint(model: nn.Module, path: Path) -> str:
         raise WeightsNotFoundError(f"DINOv2 checkpoint {path} does not exist; check the "
                                    "checkpoint path or remove it to use the Hugging Face cache.")
     state = read_state_dict(path)
-    state = timm.models.vision_transformer.checkpoint_filter_fn(state, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        state = timm.models.vision_transformer.checkpoint_filter_fn(state, model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        # Tensors of another size, such as a ViT-B checkpoint for ViT-S or a
+        # position embedding without register slots, fail inside timm or torch.
+        raise ValueError(f"Checkpoint {path} does not match {model.default_cfg['architecture']}: "
+                         f"{error}") from error
     if missing or unexpected:
         raise ValueError(f"Checkpoint {path} does not match {model.default_cfg['architecture']}: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}.")
