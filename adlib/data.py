@@ -235,10 +235,15 @@ def load_mask(path: str | Path | None, *, image_size: int, multiple: int,
             raise ValueError("original_size is required for an image without a mask.")
         (height, width), crop = resized_shape(*original_size, image_size, multiple)
         return np.zeros(crop, dtype=bool)
-    mask = _open_image(path).convert("L")
+    mask = _open_image(path)
+    # MVTec masks are 0/255 grayscale, but VisA masks may hold small non-zero values
+    # (VisA's own preparation script maps every non-zero value to 255). So any non-zero
+    # gray value or palette index is anomalous.
+    if mask.mode not in ("1", "L", "P"):
+        mask = mask.convert("L")
     (height, width), crop = resized_shape(mask.height, mask.width, image_size, multiple)
     mask = mask.resize((width, height), Image.Resampling.NEAREST)
-    return _center_crop(np.asarray(mask) > 127, crop)
+    return _center_crop(np.asarray(mask) > 0, crop)
 
 
 def load_images(paths: Sequence[str | Path], *, image_size: int, multiple: int) -> np.ndarray:
