@@ -15,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from . import study
+from . import backbones, study
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("01_baseline", "02_fgsm_attack", "03_platt_calibration", "04_entropy_detection")
-PATH_KEYS = ("data_root", "backbone_checkpoint")
+PATH_KEYS = ("data_root", "backbone_checkpoint", "cache_dir")
 
 
 def read_params(path: str | Path) -> dict:
@@ -57,9 +57,13 @@ def dry_run(params: dict) -> list[study.Job]:
         state = "done" if scores_path.is_file() else "to run"
         logger.info("%s/%s seed=%d eps=%g/255 shots=%s: %s", job.dataset, job.category, job.seed,
                     job.epsilon, list(config.shots), state)
-    for job in jobs:
-        study.prepare_dataset(config, job.dataset, job.category)
-    logger.info("%d jobs, all paths and parameters valid.", len(jobs))
+    for spec in sorted({(job.dataset, job.category) for job in jobs}):
+        study.prepare_dataset(config, *spec)
+    try:
+        study.load_extractor(config)
+    except backbones.WeightsNotFoundError as error:
+        logger.warning("Computing would stop here: %s", error)
+    logger.info("%d jobs; every available dataset and parameter is valid.", len(jobs))
     return jobs
 
 
@@ -93,6 +97,12 @@ def main(argv=None) -> int:
         dry_run(params)
         return 0
     dry_run(params)
+    config = study.config_from_params({k: v for k, v in params.items() if k != "run_name"})
+    try:
+        study.load_extractor(config)
+    except backbones.WeightsNotFoundError as error:
+        logger.error("%s", error)
+        return 2
     run_notebooks(params, notebooks=args.notebooks)
     return 0
 

@@ -22,14 +22,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import attacks, backbones, data, features, metrics, sampling
+from . import attacks, backbones, data, fastknn, features, masking, metrics, presets, sampling, visa
+from .cache import FeatureCache, cached_patch_features
 from .detector import KNNDetector, anomaly_maps
 
 logger = logging.getLogger(__name__)
 
 CONDITION_COLUMNS = ["dataset", "category", "backbone", "weights", "shots", "seed"]
 TIDY_COLUMNS = [*CONDITION_COLUMNS, "epsilon", "split", "metric", "value"]
-DATASETS_NEEDING_ROOT = ("mvtec_ad",)
+DATASETS_NEEDING_ROOT = ("mvtec_ad", "visa")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,13 @@ class StudyConfig:
     range; the ``epsilon`` column of every results table uses the same unit.
     ``datasets`` lists ``"name/category"`` strings such as ``"elpv/mono"``.
     ``max_test_per_class`` caps the test images per label (seeded), or keeps
-    them all when it is None.
+    them all when it is None. ``data_root`` is the folder that contains
+    ``mvtec_ad/<category>`` and ``visa/``. ``preset`` selects AnomalyDINO's
+    "agnostic" or "informed" rotation and masking choices per category; with
+    "none", only ``rotations`` applies and no test image is masked. ``cache_dir`` is a :class:`adlib.cache.FeatureCache`
+    folder shared by runs, or None to compute every feature. ``knn`` is the
+    search method of :class:`adlib.fastknn.FastKNNDetector`; ``"exact"``
+    searches the whole bank.
     """
 
     datasets: tuple[str, ...] = ("elpv/mono",)
@@ -53,10 +60,13 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     epsilons: tuple[float, ...] = attacks.EPSILONS_255
     rotations: bool = False
+    preset: str = "none"
     calibration_fraction: float = 0.5
     max_test_per_class: int | None = None
     batch_size: int = 16
     output_dir: str = "results/default"
+    cache_dir: str | None = None
+    knn: str = "exact"
     progress: bool = field(default=True, compare=False)
 
     def __post_init__(self):
@@ -90,8 +100,12 @@ def _validate(config: StudyConfig) -> None:
     if any(e < 0 or e > 255 for e in config.epsilons) or 0 not in config.epsilons:
         raise ValueError(f"epsilons (units of 1/255) must lie in [0, 255] and include 0 for the "
                          f"clean baseline, got {list(config.epsilons)}.")
+    if config.preset not in ("none", *presets.PRESETS):
+        raise ValueError(f"preset must be 'none' or one of {', '.join(presets.PRESETS)}, got {config.preset!r}.")
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {config.batch_size}.")
+    if config.knn not in fastknn.KNN_METHODS:
+        raise ValueError(f"knn must be one of {', '.join(fastknn.KNN_METHODS)}, got {config.knn!r}.")
 
 
 @dataclass(frozen=True)
@@ -124,13 +138,20 @@ def available_jobs(config: StudyConfig) -> list[Job]:
     return jobs
 
 
+def expected_folder(config: StudyConfig, dataset: str, category: str) -> Path | None:
+    """Return the folder a category is read from, or None without a data root."""
+    if config.data_root is None:
+        return None
+    root = Path(config.data_root) / dataset
+    return root / category if dataset == "mvtec_ad" else root
+
+
 def _data_root_exists(config: StudyConfig, job: Job) -> bool:
-    root = config.data_root
-    if root is None or not (Path(root) / job.category).is_dir():
+    folder = expected_folder(config, job.dataset, job.category)
+    if folder is None or not folder.is_dir():
         if job.seed == min(config.seeds) and job.epsilon == 0:
-            logger.warning("Skipping %s/%s: data root %s has no folder %r. Set data_root in the params "
-                           "to the folder that contains the %s category folders.",
-                           job.dataset, job.category, root, job.category, job.dataset)
+            logger.warning("Skipping %s/%s: folder %s not found. Set data_root in the params to the "
+                           "folder that contains %s/.", job.dataset, job.category, folder, job.dataset)
         return False
     return True
 
@@ -138,8 +159,14 @@ def _data_root_exists(config: StudyConfig, job: Job) -> bool:
 def job_fingerprint(config: StudyConfig, job: Job) -> str:
     """Return a short digest of every setting that changes a job's numbers."""
     settings = asdict(config)
-    for volatile in ("datasets", "seeds", "epsilons", "output_dir", "progress", "batch_size"):
+    for volatile in ("datasets", "seeds", "epsilons", "output_dir", "progress", "batch_size", "cache_dir"):
         settings.pop(volatile)
+    # Exact search was the only method before ``knn`` existed; leaving it out
+    # keeps the file names of earlier exact results.
+    if settings["knn"] == "exact":
+        settings.pop("knn")
+    if settings["preset"] == "none":
+        settings.pop("preset")
     settings.update(asdict(job))
     settings["adlib_results_format"] = 1
     text = json.dumps(settings, sort_keys=True, default=str)
@@ -199,6 +226,7 @@ class _RunContext:
         self.config = config
         self._extractor = None
         self._datasets: dict[tuple[str, str], data.AnomalyDataset] = {}
+        self.cache = FeatureCache(config.cache_dir) if config.cache_dir is not None else None
 
     @property
     def extractor(self) -> backbones.PatchFeatureExtractor:
@@ -233,7 +261,7 @@ def dataset_summary(config: StudyConfig) -> pd.DataFrame:
 
 
 def describe(config: StudyConfig, weights: str) -> str:
-    """One line naming the data, backbone, weights source, shots, seeds and epsilons of a result."""
+    """Return one line that names the data, backbone, weights source, shots, seeds and epsilons."""
     return (f"data: {', '.join(sorted(config.datasets))} | backbone: {config.backbone} @ {config.image_size}px | "
             f"weights: {weights} | shots: {list(config.shots)} | seeds: {list(config.seeds)} | "
             f"eps: {[f'{e:g}/255' for e in config.epsilons]}")
@@ -241,7 +269,7 @@ def describe(config: StudyConfig, weights: str) -> str:
 
 def prepare_dataset(config: StudyConfig, name: str, category: str) -> data.AnomalyDataset:
     """Load a category and apply the study's optional cap on test images per label."""
-    dataset = data.load_dataset(name, category, data_root=config.data_root)
+    dataset = visa.load_category(name, category, config.data_root)
     needed = (max(config.seeds) + 1) * max(config.shots)
     if needed > len(dataset.train_ids):
         raise ValueError(f"{name}/{category} has {len(dataset.train_ids)} normal training images, but "
@@ -257,22 +285,35 @@ def _compute_job(config: StudyConfig, job: Job, context: _RunContext) -> tuple[p
     extractor = context.extractor
     calibration, evaluation = sampling.calibration_split(
         dataset.test_labels, calibration_fraction=config.calibration_fraction, seed=job.seed)
-    test_images = load_split_images(config, dataset, dataset.test_ids, extractor)
     if job.epsilon == 0:
-        query_indices, query_images = np.arange(len(dataset.test_ids)), test_images
+        query_indices = np.arange(len(dataset.test_ids))
+        query_features = image_features(config, dataset, dataset.test_ids, extractor, cache=context.cache,
+                                        description="test features")
         perturbation = {"linf": np.zeros(len(query_indices)), "psnr": np.full(len(query_indices), np.inf)}
     else:
         query_indices = evaluation
+        test_images = load_split_images(config, dataset, dataset.test_ids, extractor)
+        calibration_features = None
+        if context.cache is not None:
+            calibration_features = image_features(config, dataset, [dataset.test_ids[i] for i in calibration],
+                                                  extractor, cache=context.cache, description="surrogate features")
         query_images = attack_evaluation_images(config, extractor, test_images, dataset.test_labels,
-                                                calibration, evaluation, job.epsilon)
+                                                calibration, evaluation, job.epsilon,
+                                                calibration_features=calibration_features)
         perturbation = attacks.perturbation_stats(test_images[evaluation], query_images)
-    query_features = features.extract_patch_features(
-        extractor, query_images, batch_size=config.batch_size, progress=config.progress, description="test features")
+        query_features = features.extract_patch_features(
+            extractor, query_images, batch_size=config.batch_size, progress=config.progress,
+            description="test features")
     split = np.where(np.isin(query_indices, calibration), "calibration", "evaluation")
+    preprocessing = preprocessing_for(config, dataset)
+    # Test images are masked from their own patch features; reference images never are.
+    foreground = masking.foreground_masks(query_features) if preprocessing.mask_test_images else None
     score_rows, pixel_rows = [], []
     for shots in config.shots:
-        detector = fit_detector(config, dataset, extractor, shots=shots, seed=job.seed)
+        detector = fit_detector(config, dataset, extractor, shots=shots, seed=job.seed, cache=context.cache)
         patch_scores = detector.patch_scores(query_features)
+        if preprocessing.mask_test_images:
+            patch_scores = masking.apply_foreground_masks(patch_scores, foreground)
         condition = _condition(config, dataset, extractor, shots, job)
         score_rows.append(pd.DataFrame({
             **condition, "epsilon": job.epsilon, "image_id": [dataset.test_ids[i] for i in query_indices],
@@ -295,24 +336,55 @@ def load_split_images(config: StudyConfig, dataset: data.AnomalyDataset, ids, ex
                             multiple=extractor.info.patch_size)
 
 
-def fit_detector(config: StudyConfig, dataset: data.AnomalyDataset, extractor, *, shots: int, seed: int) -> KNNDetector:
-    """Build the kNN memory bank from the seed's few-shot references (rotated when enabled)."""
+def image_features(config: StudyConfig, dataset: data.AnomalyDataset, ids, extractor, *,
+                   cache: FeatureCache | None = None, description: str = "features") -> np.ndarray:
+    """Return patch features of the images ``ids``, read from ``cache`` where it has them.
+
+    Returns
+    -------
+    ndarray of shape (len(ids), grid_h, grid_w, dim), float32
+    """
+    return cached_patch_features(extractor, [dataset.paths[i] for i in ids], cache=cache,
+                                 image_size=config.image_size, multiple=extractor.info.patch_size,
+                                 batch_size=config.batch_size, progress=config.progress, description=description)
+
+
+def preprocessing_for(config: StudyConfig, dataset: data.AnomalyDataset) -> presets.Preprocessing:
+    """Return the rotation and masking choices of the configured preset for a category."""
+    if config.preset == "none":
+        return presets.Preprocessing(rotate_references=config.rotations, mask_test_images=False)
+    return presets.preprocessing_for(dataset.name, dataset.category, preset=config.preset)
+
+
+def fit_detector(config: StudyConfig, dataset: data.AnomalyDataset, extractor, *, shots: int, seed: int,
+                 cache: FeatureCache | None = None) -> KNNDetector:
+    """Build the kNN memory bank from the seed's few-shot references (rotated when enabled).
+
+    Bank features are read from ``cache`` where it has them. The search index
+    follows ``config.knn``.
+    """
     references = sampling.reference_block(dataset.train_ids, shots=shots, seed=seed)
-    images = load_split_images(config, dataset, references, extractor)
-    if config.rotations:
-        images = features.rotated_views(images)
-    bank = features.extract_patch_features(extractor, images, batch_size=config.batch_size, progress=False)
-    return KNNDetector().fit(bank)
+    rotate = config.rotations or preprocessing_for(config, dataset).rotate_references
+    angles = features.ROTATION_ANGLES if rotate else ()
+    bank = cached_patch_features(extractor, [dataset.paths[i] for i in references], cache=cache,
+                                 image_size=config.image_size, multiple=extractor.info.patch_size, angles=angles,
+                                 batch_size=config.batch_size, progress=False)
+    detector = KNNDetector() if config.knn == "exact" else fastknn.FastKNNDetector(method=config.knn)
+    return detector.fit(bank)
 
 
-def attack_evaluation_images(config, extractor, test_images, labels, calibration, evaluation, epsilon) -> np.ndarray:
+def attack_evaluation_images(config, extractor, test_images, labels, calibration, evaluation, epsilon, *,
+                             calibration_features: np.ndarray | None = None) -> np.ndarray:
     """Fit the surrogate head on the calibration images, then FGSM-attack the evaluation images.
 
-    The head never sees the images it attacks. ``epsilon`` is in units of 1/255.
+    The head is never fitted on the images it attacks. ``epsilon`` is in units of 1/255.
+    ``calibration_features`` are the calibration images' patch features when the
+    caller already has them; otherwise they are extracted here.
     """
-    calibration_features = features.extract_patch_features(
-        extractor, test_images[calibration], batch_size=config.batch_size, progress=config.progress,
-        description="surrogate features")
+    if calibration_features is None:
+        calibration_features = features.extract_patch_features(
+            extractor, test_images[calibration], batch_size=config.batch_size, progress=config.progress,
+            description="surrogate features")
     head = attacks.fit_linear_head(calibration_features.mean(axis=(1, 2)), labels[calibration])
     model = attacks.SurrogateClassifier(extractor, head)
     return features.attack_in_batches(model, test_images[evaluation], labels[evaluation], epsilon / 255.0,
@@ -321,15 +393,16 @@ def attack_evaluation_images(config, extractor, test_images, labels, calibration
 
 def pixel_metric_rows(config, dataset, query_indices, split, patch_scores, condition, epsilon, *,
                       multiple: int) -> list[dict]:
-    """Pixel AUROC of the evaluation images, when every anomalous one has a mask."""
+    """Pixel AUROC and AU-PRO (FPR up to 0.3) of the evaluation images, when every anomalous one has a mask."""
     if not dataset.has_masks:
         return []
     selected = np.flatnonzero(split == "evaluation")
     ids = [dataset.test_ids[query_indices[i]] for i in selected]
     masks = data.load_masks(dataset, ids, image_size=config.image_size, multiple=multiple)
     maps = anomaly_maps(patch_scores[selected], masks.shape[1:])
-    value = metrics.pixel_auroc(masks, maps)
-    return [{**condition, "epsilon": epsilon, "split": "evaluation", "metric": "pixel_auroc", "value": value}]
+    values = {"pixel_auroc": metrics.pixel_auroc(masks, maps), "au_pro": metrics.au_pro(masks, maps, max_fpr=0.3)}
+    return [{**condition, "epsilon": epsilon, "split": "evaluation", "metric": name, "value": value}
+            for name, value in values.items()]
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
