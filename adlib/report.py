@@ -17,13 +17,13 @@ COLUMNS = {"auroc": "AUROC", "ap": "AP", "f1": "F1", "gmean": "G-mean", "ece_raw
            "ece_platt": "ECE Platt", "flag_auroc": "entropy-flag AUROC"}
 
 
-def read_results(results_dir: str | Path) -> pd.DataFrame:
+def read_results(results_dir: str | Path, *, files=RESULT_FILES) -> pd.DataFrame:
     """Concatenate the tidy CSVs of a run folder, dropping rows repeated across notebooks."""
     results_dir = Path(results_dir)
-    missing = [name for name in RESULT_FILES if not (results_dir / name).is_file()]
+    missing = [name for name in files if not (results_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{results_dir} lacks {missing}; run the four notebooks first (make study).")
-    tables = [pd.read_csv(results_dir / name) for name in RESULT_FILES]
+    tables = [pd.read_csv(results_dir / name) for name in files]
     return pd.concat(tables, ignore_index=True).drop_duplicates()
 
 
@@ -42,6 +42,23 @@ def headline_table(tidy: pd.DataFrame, *, shots: int, epsilons=(0, 4, 8)) -> pd.
     return table[ordered].fillna("–")
 
 
+BASELINE_COLUMNS = {"auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO (FPR ≤ 0.3)"}
+
+
+def baseline_table(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over seeds of clean image AUROC, pixel AUROC and AU-PRO, one row per category and shot count."""
+    subset = tidy[(tidy.epsilon == 0) & tidy.metric.isin(BASELINE_COLUMNS)]
+    if subset.empty:
+        raise ValueError("No clean (epsilon 0) image AUROC, pixel AUROC or AU-PRO rows in the results.")
+    keys = ["dataset", "category", "backbone", "weights", "shots"]
+    stats = subset.groupby([*keys, "metric"])["value"].agg(["mean", "std", "count"]).reset_index()
+    stats["cell"] = [_format(m, s, n) for m, s, n in zip(stats["mean"], stats["std"], stats["count"])]
+    table = stats.pivot_table(index=keys, columns="metric", values="cell", aggfunc="first").reset_index()
+    table = table.rename(columns=BASELINE_COLUMNS)
+    ordered = [c for c in [*keys, *BASELINE_COLUMNS.values()] if c in table]
+    return table[ordered].fillna("–")
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """Render a DataFrame as a GitHub Markdown table without extra dependencies."""
     lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
@@ -56,9 +73,15 @@ def _format(mean: float, std: float, count: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", help="Run folder with the notebooks' CSVs, e.g. results/study.")
-    parser.add_argument("--shots", type=int, default=4, help="Shot count of the table (default: 4).")
+    parser.add_argument("--shots", type=int, default=4, help="Shot count of the headline table (default: 4).")
+    parser.add_argument("--table", choices=("headline", "baseline"), default="headline",
+                        help="headline: clean vs attacked, calibration and flagging at one shot count (needs all "
+                             "four notebooks); baseline: clean image and pixel metrics per shot count (notebook 01).")
     args = parser.parse_args(argv)
-    table = headline_table(read_results(args.results_dir), shots=args.shots)
+    if args.table == "baseline":
+        table = baseline_table(read_results(args.results_dir, files=RESULT_FILES[:1]))
+    else:
+        table = headline_table(read_results(args.results_dir), shots=args.shots)
     sys.stdout.write(to_markdown(table) + "\n")
     return 0
 
