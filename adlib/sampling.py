@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 
-def reference_block(train_ids: Sequence[str], *, shots: int, seed: int) -> list[str]:
+def reference_block(train_ids: Sequence[str], *, shots: int, seed: int,
+                    order: Literal["sorted", "shuffled"] = "sorted") -> list[str]:
     """Pick the few-shot references for one seed with AnomalyDINO's rule.
 
     The normal training ids are sorted, and seed ``s`` takes the block
-    ``[s * shots, (s + 1) * shots)``. Blocks of different seeds never overlap,
-    and the choice does not depend on any random generator.
+    ``[s * shots, (s + 1) * shots)``. Blocks of different seeds never overlap.
+    With ``order="shuffled"`` the sorted ids are first permuted by a generator
+    with the fixed seed 0, so blocks stay disjoint but no longer hold neighbouring
+    files. This matters for ELPV, whose file names run module by module, so a
+    sorted block holds cells of a single solar module.
 
     Raises
     ------
@@ -30,7 +34,11 @@ def reference_block(train_ids: Sequence[str], *, shots: int, seed: int) -> list[
         raise ValueError(f"shots must be at least 1, got {shots}.")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}.")
+    if order not in ("sorted", "shuffled"):
+        raise ValueError(f"order must be 'sorted' or 'shuffled', got {order!r}.")
     ordered = sorted(train_ids)
+    if order == "shuffled":
+        ordered = [ordered[i] for i in np.random.default_rng(0).permutation(len(ordered))]
     end = (seed + 1) * shots
     if end > len(ordered):
         raise ValueError(

@@ -44,7 +44,8 @@ class StudyConfig:
     them all when it is None. ``data_root`` is the folder that contains
     ``mvtec_ad/<category>`` and ``visa/``. ``preset`` selects AnomalyDINO's
     "agnostic" or "informed" rotation and masking choices per category; with
-    "none", only ``rotations`` applies and no test image is masked. ``cache_dir`` is a :class:`adlib.cache.FeatureCache`
+    "none", only ``rotations`` applies and no test image is masked.
+    ``reference_order`` is passed to :func:`adlib.sampling.reference_block`. ``cache_dir`` is a :class:`adlib.cache.FeatureCache`
     folder shared by runs, or None to compute every feature. ``knn`` is the
     search method of :class:`adlib.fastknn.FastKNNDetector`; ``"exact"``
     searches the whole bank.
@@ -61,6 +62,7 @@ class StudyConfig:
     epsilons: tuple[float, ...] = attacks.EPSILONS_255
     rotations: bool = False
     preset: str = "none"
+    reference_order: str = "sorted"
     calibration_fraction: float = 0.5
     max_test_per_class: int | None = None
     batch_size: int = 16
@@ -100,6 +102,8 @@ def _validate(config: StudyConfig) -> None:
     if any(e < 0 or e > 255 for e in config.epsilons) or 0 not in config.epsilons:
         raise ValueError(f"epsilons (units of 1/255) must lie in [0, 255] and include 0 for the "
                          f"clean baseline, got {list(config.epsilons)}.")
+    if config.reference_order not in ("sorted", "shuffled"):
+        raise ValueError(f"reference_order must be 'sorted' or 'shuffled', got {config.reference_order!r}.")
     if config.preset not in ("none", *presets.PRESETS):
         raise ValueError(f"preset must be 'none' or one of {', '.join(presets.PRESETS)}, got {config.preset!r}.")
     if config.batch_size < 1:
@@ -165,8 +169,10 @@ def job_fingerprint(config: StudyConfig, job: Job) -> str:
     # keeps the file names of earlier exact results.
     if settings["knn"] == "exact":
         settings.pop("knn")
-    if settings["preset"] == "none":
-        settings.pop("preset")
+    # Settings at their original defaults are left out, so earlier result files keep their names.
+    for name, default in (("preset", "none"), ("reference_order", "sorted")):
+        if settings[name] == default:
+            settings.pop(name)
     settings.update(asdict(job))
     settings["adlib_results_format"] = 1
     text = json.dumps(settings, sort_keys=True, default=str)
@@ -311,7 +317,11 @@ def _compute_job(config: StudyConfig, job: Job, context: _RunContext) -> tuple[p
     score_rows, pixel_rows = [], []
     for shots in config.shots:
         detector = fit_detector(config, dataset, extractor, shots=shots, seed=job.seed, cache=context.cache)
-        patch_scores = detector.patch_scores(query_features)
+        if preprocessing.mask_test_images and isinstance(detector, fastknn.FastKNNDetector):
+            # The fast detector then makes the highest foreground patches exact.
+            patch_scores = detector.patch_scores(query_features, foreground=foreground)
+        else:
+            patch_scores = detector.patch_scores(query_features)
         if preprocessing.mask_test_images:
             patch_scores = masking.apply_foreground_masks(patch_scores, foreground)
         condition = _condition(config, dataset, extractor, shots, job)
@@ -363,7 +373,7 @@ def fit_detector(config: StudyConfig, dataset: data.AnomalyDataset, extractor, *
     Bank features are read from ``cache`` where it has them. The search index
     follows ``config.knn``.
     """
-    references = sampling.reference_block(dataset.train_ids, shots=shots, seed=seed)
+    references = sampling.reference_block(dataset.train_ids, shots=shots, seed=seed, order=config.reference_order)
     rotate = config.rotations or preprocessing_for(config, dataset).rotate_references
     angles = features.ROTATION_ANGLES if rotate else ()
     bank = cached_patch_features(extractor, [dataset.paths[i] for i in references], cache=cache,

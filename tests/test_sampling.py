@@ -167,3 +167,16 @@ def test_cap_per_class_deterministic(imbalanced_labels):
 def test_cap_per_class_rejects_cap():
     with pytest.raises(ValueError, match="max_per_class must be at least 2, got 1"):
         sampling.cap_per_class(np.array([0, 1, 0, 1]), max_per_class=1)
+
+
+def test_shuffled_blocks_disjoint_and_fixed():
+    ids = [f"cell{i:04d}" for i in range(40)]
+    blocks = [sampling.reference_block(ids, shots=8, seed=s, order="shuffled") for s in range(5)]
+    assert len(set().union(*map(set, blocks))) == 40
+    assert blocks[0] != sorted(ids)[:8]
+    assert blocks[1] == sampling.reference_block(list(reversed(ids)), shots=8, seed=1, order="shuffled")
+
+
+def test_reference_block_bad_order():
+    with pytest.raises(ValueError, match="order must be 'sorted' or 'shuffled'"):
+        sampling.reference_block(["a", "b"], shots=1, seed=0, order="random")
