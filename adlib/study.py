@@ -45,7 +45,8 @@ class StudyConfig:
     ``mvtec_ad/<category>`` and ``visa/``. ``preset`` selects AnomalyDINO's
     "agnostic" or "informed" rotation and masking choices per category; with
     "none", only ``rotations`` applies and no test image is masked.
-    ``reference_order`` is passed to :func:`adlib.sampling.reference_block`. ``cache_dir`` is a :class:`adlib.cache.FeatureCache`
+    ``reference_order`` is passed to :func:`adlib.sampling.reference_block`.
+    ``download`` fetches a missing MVTec-AD or VisA copy into ``data_root``. ``cache_dir`` is a :class:`adlib.cache.FeatureCache`
     folder shared by runs, or None to compute every feature. ``knn`` is the
     search method of :class:`adlib.fastknn.FastKNNDetector`; ``"exact"``
     searches the whole bank.
@@ -63,6 +64,7 @@ class StudyConfig:
     rotations: bool = False
     preset: str = "none"
     reference_order: str = "sorted"
+    download: bool = False
     calibration_fraction: float = 0.5
     max_test_per_class: int | None = None
     batch_size: int = 16
@@ -136,7 +138,7 @@ def available_jobs(config: StudyConfig) -> list[Job]:
     """Drop jobs whose data root is absent, logging one clear message per dataset."""
     jobs = []
     for job in expand_jobs(config):
-        if job.dataset in DATASETS_NEEDING_ROOT and not _data_root_exists(config, job):
+        if job.dataset in DATASETS_NEEDING_ROOT and not config.download and not _data_root_exists(config, job):
             continue
         jobs.append(job)
     return jobs
@@ -163,7 +165,7 @@ def _data_root_exists(config: StudyConfig, job: Job) -> bool:
 def job_fingerprint(config: StudyConfig, job: Job) -> str:
     """Return a short digest of every setting that changes a job's numbers."""
     settings = asdict(config)
-    for volatile in ("datasets", "seeds", "epsilons", "output_dir", "progress", "batch_size", "cache_dir"):
+    for volatile in ("datasets", "seeds", "epsilons", "output_dir", "progress", "batch_size", "cache_dir", "download"):
         settings.pop(volatile)
     # Exact search was the only method before ``knn`` existed; leaving it out
     # keeps the file names of earlier exact results.
@@ -275,7 +277,7 @@ def describe(config: StudyConfig, weights: str) -> str:
 
 def prepare_dataset(config: StudyConfig, name: str, category: str) -> data.AnomalyDataset:
     """Load a category and apply the study's optional cap on test images per label."""
-    dataset = visa.load_category(name, category, config.data_root)
+    dataset = visa.load_category(name, category, config.data_root, download=config.download)
     needed = (max(config.seeds) + 1) * max(config.shots)
     if needed > len(dataset.train_ids):
         raise ValueError(f"{name}/{category} has {len(dataset.train_ids)} normal training images, but "
