@@ -48,10 +48,16 @@ def notebook_parameters(params: dict) -> dict:
     return parameters
 
 
-def dry_run(params: dict) -> list[study.Job]:
-    """Validate the params and list every job without computing anything."""
-    config = study.config_from_params({k: v for k, v in params.items() if k != "run_name"})
+def dry_run(params: dict, *, check_weights: bool = True) -> list[study.Job]:
+    """Validate the params and list every job without computing anything.
+
+    With ``check_weights``, a backbone whose weights are missing is reported as a warning.
+    """
+    # A dry run never downloads, so it checks the data that is already there.
+    config = study.config_from_params({k: v for k, v in params.items() if k != "run_name"}, download=False)
     jobs = study.available_jobs(config)
+    if not jobs:
+        raise ValueError("No job can run: every dataset was skipped. Check datasets and data_root in the params.")
     for job in jobs:
         scores_path, _ = study.job_paths(config, job)
         state = "done" if scores_path.is_file() else "to run"
@@ -59,10 +65,11 @@ def dry_run(params: dict) -> list[study.Job]:
                     job.epsilon, list(config.shots), state)
     for spec in sorted({(job.dataset, job.category) for job in jobs}):
         study.prepare_dataset(config, *spec)
-    try:
-        study.load_extractor(config)
-    except backbones.WeightsNotFoundError as error:
-        logger.warning("Computing would stop here: %s", error)
+    if check_weights:
+        try:
+            study.load_extractor(config)
+        except backbones.WeightsNotFoundError as error:
+            logger.warning("Computing would stop here: %s", error)
     logger.info("%d jobs; every available dataset and parameter is valid.", len(jobs))
     return jobs
 
@@ -92,15 +99,15 @@ def main(argv=None) -> int:
                         help="Notebooks to run, in order (default: all four).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = read_params(args.params)
-    if args.dry_run:
-        dry_run(params)
-        return 0
-    dry_run(params)
-    config = study.config_from_params({k: v for k, v in params.items() if k != "run_name"})
     try:
+        params = read_params(args.params)
+        dry_run(params, check_weights=args.dry_run)
+        if args.dry_run:
+            return 0
+        config = study.config_from_params({k: v for k, v in params.items() if k != "run_name"})
         study.load_extractor(config)
-    except backbones.WeightsNotFoundError as error:
+    except (ValueError, FileNotFoundError) as error:
+        # WeightsNotFoundError is a FileNotFoundError, so a missing backbone stops here too.
         logger.error("%s", error)
         return 2
     run_notebooks(params, notebooks=args.notebooks)

@@ -75,7 +75,10 @@ class StudyConfig:
 
     def __post_init__(self):
         for name in ("datasets", "shots", "seeds", "epsilons"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+            value = getattr(self, name)
+            if isinstance(value, (str, int, float)):
+                raise ValueError(f"{name} must be a list, got {value!r}; write e.g. {name}: [{value}].")
+            object.__setattr__(self, name, tuple(value))
         _validate(self)
 
 
@@ -90,6 +93,15 @@ def config_from_params(params: dict, **overrides) -> StudyConfig:
 
 
 def _validate(config: StudyConfig) -> None:
+    for name in ("shots", "seeds"):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in getattr(config, name)):
+            raise ValueError(f"{name} must be whole numbers, got {list(getattr(config, name))}.")
+    if not isinstance(config.image_size, int):
+        raise ValueError(f"image_size must be a whole number of pixels, got {config.image_size!r}.")
+    if not 0 < config.calibration_fraction < 1:
+        raise ValueError(f"calibration_fraction must lie in (0, 1), got {config.calibration_fraction}.")
+    if config.max_test_per_class is not None and config.max_test_per_class < 2:
+        raise ValueError(f"max_test_per_class must be at least 2 or null, got {config.max_test_per_class}.")
     if not config.datasets:
         raise ValueError("datasets is empty; list at least one 'name/category', e.g. 'elpv/mono'.")
     for spec in config.datasets:
@@ -157,7 +169,8 @@ def _data_root_exists(config: StudyConfig, job: Job) -> bool:
     if folder is None or not folder.is_dir():
         if job.seed == min(config.seeds) and job.epsilon == 0:
             logger.warning("Skipping %s/%s: folder %s not found. Set data_root in the params to the "
-                           "folder that contains %s/.", job.dataset, job.category, folder, job.dataset)
+                           "folder that contains %s/, or set download: true.", job.dataset, job.category, folder,
+                           job.dataset)
         return False
     return True
 
