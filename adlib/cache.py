@@ -1,6 +1,6 @@
 """Content-keyed on-disk cache of patch features.
 
-An entry holds the patch features of one image seen through one backbone. Its
+An entry contains the patch features of one image seen through one backbone. Its
 key is a SHA-256 digest of everything that changes those numbers:
 
 * the bytes of the image file,
@@ -34,7 +34,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import data, features
 
