@@ -10,7 +10,7 @@ STAMP := $(VENV)/.adlib-installed
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED := 0
 
-.PHONY: study test install dry-run clean-results
+.PHONY: study test install dry-run sweep bench clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(PYTHON) || $(PYTHON_BOOTSTRAP) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,6 +32,15 @@ dry-run: $(STAMP)
 ## Unit tests, then nbval on the committed notebooks.
 test: $(STAMP)
 	$(PYTHON) -m pytest tests notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -q
+
+## Run the params grid of $(SWEEP) on a local Dask cluster; finished jobs are skipped.
+SWEEP ?= params/sweep_elpv_bottle.yaml
+sweep: $(STAMP)
+	$(PYTHON) -m adlib.sweep $(SWEEP)
+
+## Measure P1-P5 and rewrite BENCHMARKS.md (about 20 minutes on 2 cores).
+bench: $(STAMP)
+	$(PYTHON) bench/run_benchmarks.py
 
 clean-results:
 	rm -rf results runs
