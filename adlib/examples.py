@@ -37,20 +37,11 @@ def anomaly_map_examples(config: study.StudyConfig, spec: str, *, shots: int, se
     dict with ``ids``, ``images`` (n, H, W, 3), ``masks`` (n, H, W), ``maps`` (n, H, W),
     ``scores`` (n,) and ``labels`` (n,).
     """
-    name, category = spec.split("/")
-    config = study.with_overrides(config, progress=False)
-    extractor = study.load_extractor(config)
-    dataset = study.prepare_dataset(config, name, category)
-    calibration, evaluation = sampling.calibration_split(
-        dataset.test_labels, calibration_fraction=config.calibration_fraction, seed=seed)
-    chosen = pick_examples(dataset, evaluation, count=count)
+    config, extractor, dataset, calibration, chosen = _example_setup(config, spec, seed=seed, count=count)
     ids = [dataset.test_ids[i] for i in chosen]
     images = study.load_split_images(config, dataset, ids, extractor)
     if epsilon > 0:
-        test_images = study.load_split_images(config, dataset, dataset.test_ids, extractor)
-        attacked = study.attack_evaluation_images(config, extractor, test_images, dataset.test_labels,
-                                                  calibration, chosen, epsilon)
-        images = attacked
+        _, images = _attack_chosen(config, extractor, dataset, calibration, chosen, epsilon)
     detector = study.fit_detector(config, dataset, extractor, shots=shots, seed=seed)
     patch_scores = detector.patch_scores(features.extract_patch_features(extractor, images, progress=False))
     masks = data.load_masks(dataset, ids, image_size=config.image_size, multiple=extractor.info.patch_size)
@@ -66,19 +57,30 @@ def attack_examples(config: study.StudyConfig, spec: str, *, seed: int, epsilon:
     dict with ``ids``, ``clean`` and ``attacked`` (n, H, W, 3), ``perturbation``
     (n, H, W, 3) rescaled to [0, 1] for display, ``linf`` and ``psnr`` (n,).
     """
-    name, category = spec.split("/")
-    config = study.with_overrides(config, progress=False)
-    extractor = study.load_extractor(config)
-    dataset = study.prepare_dataset(config, name, category)
-    calibration, evaluation = sampling.calibration_split(
-        dataset.test_labels, calibration_fraction=config.calibration_fraction, seed=seed)
-    chosen = pick_examples(dataset, evaluation, count=count)
-    test_images = study.load_split_images(config, dataset, dataset.test_ids, extractor)
-    attacked = study.attack_evaluation_images(config, extractor, test_images, dataset.test_labels,
-                                              calibration, chosen, epsilon)
+    config, extractor, dataset, calibration, chosen = _example_setup(config, spec, seed=seed, count=count)
+    test_images, attacked = _attack_chosen(config, extractor, dataset, calibration, chosen, epsilon)
     clean = test_images[chosen]
     difference = attacked - clean
     scale = max(float(np.abs(difference).max()), 1e-12)
     stats = attacks.perturbation_stats(clean, attacked)
     return {"ids": [dataset.test_ids[i] for i in chosen], "clean": clean, "attacked": attacked,
             "perturbation": 0.5 + 0.5 * difference / scale, **stats}
+
+
+def _example_setup(config: study.StudyConfig, spec: str, *, seed: int, count: int):
+    """Load the backbone and the category ``spec``, then pick ``count`` evaluation images of ``seed``."""
+    name, category = spec.split("/")
+    config = study.with_overrides(config, progress=False)
+    extractor = study.load_extractor(config)
+    dataset = study.prepare_dataset(config, name, category)
+    calibration, evaluation = sampling.calibration_split(
+        dataset.test_labels, calibration_fraction=config.calibration_fraction, seed=seed)
+    return config, extractor, dataset, calibration, pick_examples(dataset, evaluation, count=count)
+
+
+def _attack_chosen(config, extractor, dataset, calibration, chosen, epsilon):
+    """Return all test images and the FGSM-attacked ``chosen`` ones, with the study's surrogate head."""
+    test_images = study.load_split_images(config, dataset, dataset.test_ids, extractor)
+    attacked = study.attack_evaluation_images(config, extractor, test_images, dataset.test_labels,
+                                              calibration, chosen, epsilon)
+    return test_images, attacked
