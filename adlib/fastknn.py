@@ -40,13 +40,18 @@ KNNMethod = Literal["auto", "exact", "ivf", "coreset"]
 KNN_METHODS = ("auto", "exact", "ivf", "coreset")
 
 # Bank size (patches) above which "auto" switches from exact search to IVF.
-# Measured with EfficientNet-Lite0 features on 2 CPU cores: at 3,136 patches IVF
-# with exact refinement already searched 7 times faster, and its 0.4 s build
-# paid off after about 25 test images. bench/run_benchmarks.py repeats the scan.
+# Measured with EfficientNet-Lite0 features of MVTec-AD bottle on 2 CPU cores: at
+# 3,136 patches IVF with exact refinement already searched 5 to 7 times faster,
+# and its 0.3 to 0.5 s build paid off after about 20 test images. Below that, the
+# gain is small. bench/run_benchmarks.py repeats this scan.
 EXACT_MAX_BANK_SIZE = 4_096
 # Lists per square root of the bank size; faiss's guideline is 4 to 16.
 LISTS_PER_SQRT = 4
-DEFAULT_N_PROBE = 4
+# Lists scanned per query. With the exact refinement of each image's top patches,
+# one list already gave exact image scores without a single full-search fallback
+# on the bottle banks of bench/run_benchmarks.py, and it searched about twice as
+# fast as two lists. More lists only make the anomaly maps closer to exact.
+DEFAULT_N_PROBE = 1
 DEFAULT_CANDIDATE_FACTOR = 4
 # k-means trains on at most this many bank patches per list, which bounds the
 # build time. faiss's own default of 256 builds slower, and on the bottle banks
@@ -83,7 +88,7 @@ def build_ivf_index(memory_bank: np.ndarray, *, n_lists: int | None = None, n_pr
     memory_bank : ndarray of shape (n_patches, dim)
     n_lists : int, optional
         Number of k-means lists; by default :func:`ivf_list_count`.
-    n_probe : int, default=4
+    n_probe : int, default=1
         Lists scanned per query. More lists give higher recall and slower search.
     seed : int, default=0
         Seed of the k-means initialisation and of the training subsample.
@@ -192,7 +197,7 @@ class FastKNNDetector(KNNDetector):
     method : {"auto", "exact", "ivf", "coreset"}, default="auto"
         ``"auto"`` uses :func:`choose_method` on the bank size.
     top_fraction : float, default=0.01
-    n_probe : int, default=4
+    n_probe : int, default=1
         IVF lists scanned per query.
     coreset_fraction : float, default=0.1
         Share of the bank kept by the coreset.

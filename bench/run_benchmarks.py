@@ -308,7 +308,7 @@ def measure_backbone(spec: dict, dataset, feature_cache, *, batch: int, repeats:
         coreset = compare_search(unrotated, tests, method="coreset", repeats=1)
         coreset.update(auroc_change(dataset, coreset, image_size=spec["image_size"], multiple=multiple))
         result["coreset"] = coreset
-        result["crossover"] = crossover_scan(bank, tests[:16], (1, 2, 4, 8, 16, 32, 64, 128), repeats=min(repeats, 3))
+        result["crossover"] = crossover_scan(bank, tests[:16], (1, 2, 4, 8, 16, 32, 64), repeats=min(repeats, 3))
     result["peak_rss_mib"] = peak_rss_mib()
     return result
 
@@ -390,7 +390,22 @@ def report_p1(results: dict) -> list[str]:
         lines.append(f"| {describe_spec(result)} | {scoring['batch']} | {scoring['forward_s']:.4f} | "
                      f"{scoring['scoring_s']:.4f} | {stages['load']:.4f} | {stages['forward']:.4f} | "
                      f"{stages['knn']:.4f} | {scoring['ratio']:.3f} |")
-    return [*lines, ""]
+    lines.append("")
+    for result in (vit, lite0):
+        if result["scoring"]["ratio"] < GOALS["P1"][1]:
+            lines += [explain_p1(result, results["machine"]["cores"]), ""]
+    return lines
+
+
+def explain_p1(result: dict, cores: int) -> str:
+    """Explain a missed P1 goal from the measured stage times."""
+    scoring, stages = result["scoring"], result["scoring"]["breakdown"]
+    total = sum(stages.values())
+    return (f"Why {describe_spec(result)} misses the goal: its forward pass takes only {scoring['forward_s']:.3f} s "
+            f"per image, so reading and resizing the files ({stages['load']:.3f} s, {stages['load'] / total:.0%} of "
+            f"the end-to-end stages) and the 1-shot search ({stages['knn']:.3f} s, {stages['knn'] / total:.0%}) are "
+            f"no longer small beside it. All stages share the same {cores} cores and run one after the other, so "
+            "none of them is hidden behind the forward pass. The profile at the end of this page shows the split.")
 
 
 def report_p2(results: dict) -> list[str]:
@@ -411,6 +426,9 @@ def report_p2(results: dict) -> list[str]:
         lines.append(knn_row(describe_spec(result), result["knn"], result["scoring"]["forward_s"]))
     lines.append(knn_row(f"{describe_spec(lite0)}, 16 shots without rotation", lite0["coreset"],
                          lite0["scoring"]["forward_s"]))
+    for result in (vit, lite0):
+        if result["knn"]["ratio"] > GOALS["P2"][1]:
+            lines += ["", explain_p2(result, vit)]
     lines += ["", "Image AUROC is the same for exact and fast search because the fast detector makes each "
               "image's highest patches exact and certifies that no other patch could enter the top 1 %. "
               "Pixel AUROC can move, because patches outside those candidates keep their approximate (never "
@@ -473,6 +491,20 @@ def report_p5(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+def explain_p2(result: dict, vit: dict) -> str:
+    """Explain a missed P2 goal from the measured times."""
+    knn = result["knn"]
+    text = (f"Why {describe_spec(result)} misses the goal: the fast search takes {knn['fast_s']:.3f} s per image, "
+            f"{knn['exact_s'] / knn['fast_s']:.1f} times faster than exact search, but the forward pass it is "
+            f"compared with takes only {result['scoring']['forward_s']:.3f} s. ")
+    if result is not vit:
+        text += (f"The goal names ViT-S/14 at 448 px, whose forward pass takes {vit['scoring']['forward_s']:.3f} s "
+                 "per image here.")
+    else:
+        text += "The profile at the end of this page splits the search into the IVF scan and the exact refinement."
+    return text
+
+
 def knn_row(label: str, knn: dict, forward_s: float) -> str:
     amortised = (knn["fast_s"] + knn["build_s"] / knn["images"]) / forward_s
     pixel = (f"{knn['pixel_auroc_exact']:.4f} / {knn['pixel_auroc_fast']:.4f}" if "pixel_auroc_exact" in knn
@@ -505,7 +537,7 @@ def main(argv=None) -> int:
                         help="feature cache for the accuracy checks (default: %(default)s)")
     parser.add_argument("--data-root", type=Path, default=REPOSITORY.parent / "shared" / "data",
                         help="folder that contains mvtec_ad/bottle (default: %(default)s)")
-    parser.add_argument("--p4-max-test-per-class", type=int, default=24,
+    parser.add_argument("--p4-max-test-per-class", type=int, default=12,
                         help="test images per label in the P4 study run (default: %(default)s)")
     arguments = parser.parse_args(argv)
     if arguments.repeats < 1:
