@@ -28,12 +28,14 @@ import os
 import tempfile
 import weakref
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import data, features
 
@@ -260,10 +262,11 @@ def cached_patch_features(extractor, paths: Sequence[str | os.PathLike], *, cach
     if len(paths) == 0:
         raise ValueError("paths is empty; pass at least one image file.")
     rotations = tuple(angles) if len(angles) else (None,)
+    if cache is None and rotations == (None,):
+        return extract_features_from_files(extractor, paths, image_size=image_size, multiple=multiple,
+                                           batch_size=batch_size, progress=progress, description=description)
     if cache is None:
-        images = data.load_images(paths, image_size=image_size, multiple=multiple)
-        if rotations != (None,):
-            images = features.rotated_views(images, rotations)
+        images = features.rotated_views(data.load_images(paths, image_size=image_size, multiple=multiple), rotations)
         return features.extract_patch_features(extractor, images, batch_size=batch_size,
                                                progress=progress, description=description)
     keys = _feature_keys(extractor, paths, image_size=image_size, multiple=multiple, rotations=rotations)
@@ -279,6 +282,41 @@ def cached_patch_features(extractor, paths: Sequence[str | os.PathLike], *, cach
     return np.stack([found[key] for key in keys])
 
 
+def extract_features_from_files(extractor, paths: Sequence[str | os.PathLike], *, image_size: int, multiple: int,
+                                batch_size: int = 16, progress: bool = True,
+                                description: str = "features") -> np.ndarray:
+    """Extract patch features of image files batch by batch, reading the next batch on a second thread.
+
+    Pillow releases the GIL while it decodes, so the next batch is read and
+    resized while the backbone runs on the current one.
+
+    Returns
+    -------
+    ndarray of shape (len(paths), grid_h, grid_w, dim), float32
+
+    Raises
+    ------
+    ValueError
+        If the images do not all end up with the same shape.
+    """
+    batches = [list(paths[start:start + batch_size]) for start in range(0, len(paths), batch_size)]
+    outputs = []
+    image_shape = None
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        next_images = reader.submit(data.load_images, batches[0], image_size=image_size, multiple=multiple)
+        for index in tqdm(range(len(batches)), desc=description, disable=not progress, leave=False):
+            images = next_images.result()
+            if index + 1 < len(batches):
+                next_images = reader.submit(data.load_images, batches[index + 1], image_size=image_size,
+                                            multiple=multiple)
+            if image_shape is not None and images.shape[1:] != image_shape:
+                raise ValueError(f"Images have different shapes after resizing: {[image_shape, images.shape[1:]]}; "
+                                 "a category must use one aspect ratio.")
+            image_shape = images.shape[1:]
+            outputs.append(features.extract_patch_features(extractor, images, batch_size=batch_size, progress=False))
+    return np.concatenate(outputs)
+
+
 def _feature_keys(extractor, paths, *, image_size, multiple, rotations) -> list[str]:
     extractor_info = extractor_fields(extractor)
     preprocessing = preprocessing_fields(image_size=image_size, multiple=multiple)
@@ -290,7 +328,12 @@ def _feature_keys(extractor, paths, *, image_size, multiple, rotations) -> list[
 def _compute_missing(extractor, paths, missing_images, keys, found, *, image_size, multiple, rotations,
                      batch_size, progress, description) -> dict[str, np.ndarray]:
     """Extract features of the (image, rotation) pairs whose keys were not found."""
-    images = data.load_images([paths[i] for i in missing_images], image_size=image_size, multiple=multiple)
+    missing_paths = [paths[i] for i in missing_images]
+    if rotations == (None,):
+        extracted = extract_features_from_files(extractor, missing_paths, image_size=image_size, multiple=multiple,
+                                                batch_size=batch_size, progress=progress, description=description)
+        return {keys[image_index]: array for image_index, array in zip(missing_images, extracted)}
+    images = data.load_images(missing_paths, image_size=image_size, multiple=multiple)
     computed: dict[str, np.ndarray] = {}
     for rotation_index, rotation in enumerate(rotations):
         rows = [row for row, image_index in enumerate(missing_images)

@@ -40,12 +40,15 @@ KNNMethod = Literal["auto", "exact", "ivf", "coreset"]
 KNN_METHODS = ("auto", "exact", "ivf", "coreset")
 
 # Bank size (patches) above which "auto" switches from exact search to IVF.
-# Measured with EfficientNet-Lite0 features of MVTec-AD bottle on 2 CPU cores: at
-# 3,136 patches IVF with exact refinement already searched 5 to 7 times faster,
-# and its 0.3 to 0.5 s build paid off after about 20 test images. Below that, the
-# gain is small. bench/run_benchmarks.py repeats this scan.
+# Measured with EfficientNet-Lite0 features of MVTec-AD bottle on 2 CPU cores: from
+# about 3,000 patches on, IVF with exact refinement searched 2 to 7 times faster
+# than exact search, depending on the background load. Its build paid for itself
+# after 10 to 20 test images. Below that the gain was small.
+# bench/run_benchmarks.py repeats this scan.
 EXACT_MAX_BANK_SIZE = 4_096
-# Lists per square root of the bank size; faiss's guideline is 4 to 16.
+# Lists per square root of the bank size. A query compares itself with every list
+# centroid and then with n_probe * n / n_lists bank patches, and the two costs are
+# equal when n_lists is sqrt(n_probe * n).
 LISTS_PER_SQRT = 4
 # Lists scanned per query. With the exact refinement of each image's top patches,
 # one list already gave exact image scores without a single full-search fallback
@@ -53,10 +56,11 @@ LISTS_PER_SQRT = 4
 # fast as two lists. More lists only make the anomaly maps closer to exact.
 DEFAULT_N_PROBE = 1
 DEFAULT_CANDIDATE_FACTOR = 4
-# k-means trains on at most this many bank patches per list, which bounds the
-# build time. faiss's own default of 256 builds slower, and on the bottle banks
-# measured here it gave no better recall.
+# k-means trains on at most this many bank patches per list (faiss 1.15 defaults
+# to 256), which bounds the build time.
 TRAINING_POINTS_PER_LIST = 64
+# Query count from which exact_cosine_distances hands the search to faiss.
+FAISS_MIN_QUERIES = 1024
 KMEANS_ITERATIONS = 10
 
 
@@ -334,25 +338,30 @@ def refine_top_patches(approximate_scores: np.ndarray, patch_features: np.ndarra
 def exact_cosine_distances(memory_bank: np.ndarray, queries: np.ndarray, *, block_size: int = 4096) -> np.ndarray:
     """Return each query's exact cosine distance, 1 - cos, to its nearest bank row.
 
-    Blocked torch matrix products of L2-normalised rows. For the few hundred
-    queries of the refinement step against a bank of 10^5 rows, this ran about
-    10 times faster than faiss ``IndexFlatL2`` (faiss-cpu 1.15, 2 cores). For
-    thousands of queries both were about equally fast.
+    From :data:`FAISS_MIN_QUERIES` queries on, this is faiss's brute-force
+    ``faiss.knn``. Fewer queries use blocked torch matrix products. On 2 cores,
+    for a few hundred queries against 10^5 bank rows, faiss-cpu 1.15 ran 3 to
+    10 times slower than torch. From about a thousand queries on, it ran up to
+    2 times faster.
 
     Parameters
     ----------
     memory_bank : ndarray of shape (n_bank, dim)
     queries : ndarray of shape (n_queries, dim)
     block_size : int, default=4096
-        Rows of the bank and of the queries per matrix product, which bounds
-        the temporary similarity block to ``block_size ** 2`` floats (64 MiB).
+        Rows of the bank and of the queries per torch matrix product, which
+        bounds the temporary similarity block to ``block_size ** 2`` floats (64 MiB).
 
     Returns
     -------
     ndarray of shape (n_queries,), float32, in [0, 2]
     """
-    bank = torch.from_numpy(normalize_rows(memory_bank))
-    normalised = torch.from_numpy(normalize_rows(queries))
+    bank, normalised = normalize_rows(memory_bank), normalize_rows(queries)
+    if len(normalised) >= FAISS_MIN_QUERIES:
+        squared, _ = faiss.knn(normalised, bank, 1)
+        # Squared L2 of unit vectors is twice the cosine distance.
+        return np.clip(squared[:, 0] / 2.0, 0.0, 2.0)
+    bank, normalised = torch.from_numpy(bank), torch.from_numpy(normalised)
     best = torch.full((len(normalised),), -1.0)
     for query_start in range(0, len(normalised), block_size):
         query_block = normalised[query_start:query_start + block_size]

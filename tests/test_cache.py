@@ -160,6 +160,21 @@ def test_cached_features_match_uncached(lite0, image_paths, feature_cache):
     assert feature_cache.stats.hits == 3
 
 
+def test_batched_file_extraction_matches_one_batch(lite0, image_paths):
+    settings = dict(image_size=IMAGE_SIZE, multiple=MULTIPLE, progress=False)
+    one_batch = cache.extract_features_from_files(lite0, image_paths, batch_size=3, **settings)
+    batched = cache.extract_features_from_files(lite0, image_paths, batch_size=1, **settings)
+    assert batched.shape == one_batch.shape
+    np.testing.assert_allclose(batched, one_batch, atol=1e-5)
+
+
+def test_batched_file_extraction_rejects_mixed_shapes(lite0, image_paths, rng):
+    wide = write_png(image_paths[0].parent / "wide.png", rng.integers(0, 256, (40, 120, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="different shapes"):
+        cache.extract_features_from_files(lite0, [*image_paths, wide], image_size=IMAGE_SIZE, multiple=MULTIPLE,
+                                          batch_size=3, progress=False)
+
+
 def test_rotated_views_keep_rotated_views_order(lite0, image_paths, feature_cache):
     settings = dict(image_size=IMAGE_SIZE, multiple=MULTIPLE, progress=False, angles=(0, 90))
     images = data.load_images(image_paths, image_size=IMAGE_SIZE, multiple=MULTIPLE)

@@ -159,8 +159,9 @@ def test_fast_detector_rejects_invalid_options():
         FastKNNDetector().patch_scores(np.zeros((1, 2, 2, DIM), np.float32))
 
 
-def test_exact_cosine_distances_blocked(rng):
-    bank, queries = unit_rows(rng, 1000), unit_rows(rng, 300)
+@pytest.mark.parametrize("query_count", [300, fastknn.FAISS_MIN_QUERIES])
+def test_exact_cosine_distances(rng, query_count):
+    bank, queries = unit_rows(rng, 1000), unit_rows(rng, query_count)
     distances = fastknn.exact_cosine_distances(bank * 3.0, queries, block_size=128)
     np.testing.assert_allclose(distances, exact_distances(bank, queries), atol=1e-5)
 
